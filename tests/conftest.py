@@ -63,7 +63,7 @@ def sqs(moto_server):
 
 @pytest.fixture()
 def samples() -> list[dict]:
-    """The realistic flespi messages from ../shared/samples."""
+    """The realistic flespi messages of samples/ (a copy of ../shared/samples)."""
     import json
 
-    return json.loads((ROOT.parent / "shared" / "samples" / "flespi_messages.json").read_text())
+    return json.loads((ROOT / "samples" / "flespi_messages.json").read_text())
