@@ -5,6 +5,10 @@ metrics with no API call and no extra dependency: the ``_aws`` block names
 which of the line's fields are metrics. aws-lambda-powertools' ``Metrics``
 does the same but costs tens of milliseconds of cold-start import for one
 ``print``.
+
+The lines go to stderr: Lambda sends stderr to CloudWatch Logs as well, and
+stdout stays reserved for data (the consumer's ``log`` sink prints exactly
+one line per flespi message there).
 """
 from __future__ import annotations
 
@@ -45,6 +49,6 @@ def emit(
         **counts,
         **(fields or {}),
     }
-    sys.stdout.write(orjson.dumps(record, default=str).decode() + "\n")
-    sys.stdout.flush()
+    sys.stderr.write(orjson.dumps(record, default=str).decode() + "\n")
+    sys.stderr.flush()
     return record
