@@ -18,6 +18,9 @@ DEFAULT_SEND_CONCURRENCY = 32
 #: Seconds we may spend sending, well under API Gateway's 29 s timeout so a
 #: 503 reaches flespi before the gateway gives up on us.
 DEFAULT_SEND_DEADLINE = 20.0
+#: Seconds one POST of the ``http`` sink may take before it counts as failed
+#: (and is retried while the consumer Lambda has time left).
+DEFAULT_SINK_TIMEOUT = 5.0
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,7 @@ class Settings:
     sink_headers: Mapping[str, str] = field(default_factory=dict)
     consume_batch_size: int = 100
     consume_batch_window: int = 1
+    sink_timeout: float = DEFAULT_SINK_TIMEOUT
 
     @property
     def fifo(self) -> bool:
@@ -108,4 +112,5 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Settings:
         consume_batch_window=int(
             _number(environ, "CONSUME_BATCH_WINDOW_SECONDS", 0 if fifo else 1, int, 0)
         ),
+        sink_timeout=_number(environ, "SINK_TIMEOUT_SECONDS", DEFAULT_SINK_TIMEOUT, float, 0.1),
     )
