@@ -1,6 +1,102 @@
-"""Placeholder until the ingest issue lands: the route's entry point."""
+"""POST /flespi: validate the whole batch, send all of it, then answer.
+
+The answer is flespi's only signal: 200 drops the batch from its buffer,
+anything else makes it resend the whole batch. So 200 is given only when
+every message is confirmed in SQS, and a rejected request sends nothing.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from chalice import Response
+
+from . import observe, pack, parse, sqs
+from .config import Settings
+
+#: Request types API Gateway must hand over as bytes (Chalice already treats
+#: application/octet-stream as binary): gzip bodies and invalid UTF-8 must
+#: reach the parser untouched.
 BINARY_REQUEST_TYPES = ["application/json", "text/plain"]
+#: Our answers are JSON, but labelled with a type that is not a binary
+#: request type: Chalice (like API Gateway) would otherwise base64 them and
+#: demand a matching Accept header, which flespi does not promise to send.
+RESPONSE_TYPE = "application/vnd.flespi-sqs+json"
+#: Time kept back from the Lambda deadline to answer and log.
+_ANSWER_MARGIN = 1.0
 
 
-def handle(request, context, settings):
-    raise NotImplementedError("ingest is being written")
+@functools.lru_cache(maxsize=4)
+def sender(queue_name: str, concurrency: int) -> sqs.Sender:
+    """One SQS connection pool and thread pool per container (and queue)."""
+    return sqs.Sender(sqs.SqsTransport(queue_name, concurrency), concurrency)
+
+
+def handle(request: Any, context: Any, settings: Settings) -> Response:
+    """The route: parse, pack, send, answer, and log one line about it."""
+    started = time.monotonic()
+    deadline = started + _budget(context, settings)
+    try:
+        messages = parse.read_request(request.raw_body or b"", request.headers)
+        entries = pack.make_entries(messages, settings.packing, settings.fifo)
+    except parse.RequestError as exc:
+        return _answer(exc.status, {"error": exc.message}, started, {})
+    if not entries:
+        return _answer(200, {"accepted": 0, "sqs_messages": 0, "sqs_calls": 0}, started, {})
+    try:
+        send = sender(settings.queue_name, settings.send_concurrency)
+    except (BotoCoreError, ClientError) as exc:
+        error = f"SQS queue {settings.queue_name!r} is not reachable: {exc}"
+        return _answer(503, {"error": error}, started, {"messages": len(messages)})
+    report = send.send(pack.plan_lanes(entries, settings.send_concurrency), deadline)
+    counts = {
+        "messages": len(messages),
+        "sqs_messages": report.sqs_messages,
+        "sqs_calls": report.calls,
+        "retries": report.retries,
+        "billed_requests": report.billed,
+        "unsent": report.unsent,
+    }
+    if report.unsent:
+        error = (
+            f"SQS took {report.messages} of {len(messages)} messages before the deadline "
+            f"(errors: {report.errors or 'none'}); resend the batch"
+        )
+        body = {"error": error, "stored": report.messages, "unsent": report.unsent}
+        return _answer(503, body, started, counts, report.errors)
+    body = {
+        "accepted": report.messages,
+        "sqs_messages": report.sqs_messages,
+        "sqs_calls": report.calls,
+        "retries": report.retries,
+    }
+    return _answer(200, body, started, counts, report.errors)
+
+
+def _budget(context: Any, settings: Settings) -> float:
+    """Seconds we may spend sending: the setting, cut short by Lambda's clock."""
+    budget = settings.send_deadline
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is not None:
+        budget = min(budget, remaining() / 1000 - _ANSWER_MARGIN)
+    return max(0.0, budget)
+
+
+def _answer(
+    status: int,
+    body: dict,
+    started: float,
+    counts: dict[str, int],
+    errors: dict[str, int] | None = None,
+) -> Response:
+    """Log the request's one line, then build the response."""
+    counts = {**counts, "duration_ms": round((time.monotonic() - started) * 1000, 1)}
+    fields: dict[str, object] = {"status": status}
+    if status != 200:
+        fields["error"] = body["error"]
+    if errors:
+        fields["sqs_errors"] = errors
+    observe.emit("ingest", counts, fields, units={"duration_ms": "Milliseconds"})
+    return Response(body=body, status_code=status, headers={"Content-Type": RESPONSE_TYPE})

@@ -1,0 +1,161 @@
+"""Turn validated flespi messages into SQS entries and plan the calls.
+
+Pure functions, no I/O: what goes into which SQS message, and which messages
+go into which SendMessageBatch call, is decided here and can be checked
+without a queue. Sizes are counted as SQS counts them: UTF-8 bytes of the
+body (we send no message attributes, so nothing else counts).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import orjson
+
+from .parse import RequestError
+
+#: SQS's limit for one message and for the sum of one SendMessageBatch call.
+MAX_BYTES = 1_048_576
+#: SQS's limit of entries per SendMessageBatch call.
+MAX_ENTRIES = 10
+#: What SendMessageBatch bills as one request.
+BILLING_CHUNK = 65_536
+
+# SQS accepts #x9 #xA #xD #x20-#xD7FF #xE000-#xFFFD #x10000-#x10FFFF. JSON
+# serialisation escapes control characters and orjson refuses surrogates, so
+# U+FFFE and U+FFFF are the only ones that can reach a body raw; as JSON
+# escapes they mean the same string and SQS takes them.
+_FORBIDDEN = {b"\xef\xbf\xbe": b"\\ufffe", b"\xef\xbf\xbf": b"\\uffff"}
+# MessageGroupId: 1-128 characters of a-z, A-Z, 0-9 and ASCII punctuation.
+_GROUP_ID = re.compile(r"[!-~]{1,128}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One SQS message: its body and how many flespi messages it carries."""
+
+    body: bytes
+    count: int
+    group: str | None = None
+
+    @property
+    def dedup_id(self) -> str:
+        """FIFO deduplication: a resent flespi batch is dropped by SQS."""
+        return hashlib.sha256(self.body).hexdigest()
+
+
+#: A SendMessageBatch call's entries.
+Batch = list[Entry]
+#: Batches that must go one after the other (one device's FIFO order).
+Lane = list[Batch]
+
+
+def sqs_safe(body: bytes) -> bytes:
+    """Escape the two characters valid JSON may hold raw but SQS refuses."""
+    if b"\xef\xbf" in body:
+        for raw, escaped in _FORBIDDEN.items():
+            body = body.replace(raw, escaped)
+    return body
+
+
+def encode(messages: Sequence[dict]) -> list[bytes]:
+    """Compact JSON per message, SQS-safe, each within SQS's size limit (413)."""
+    bodies = [sqs_safe(orjson.dumps(message)) for message in messages]
+    for index, body in enumerate(bodies):
+        if len(body) > MAX_BYTES:
+            raise RequestError(
+                413,
+                f"message {index} is {len(body):,} bytes as JSON; "
+                f"an SQS message holds at most {MAX_BYTES:,}",
+            )
+    return bodies
+
+
+def group_id(message: dict) -> str:
+    """The FIFO MessageGroupId of a message: its device ``ident``.
+
+    An ident SQS would refuse (non-ASCII, too long) is replaced by its SHA-256,
+    which still keeps one device in one group; a message without ident goes
+    to a shared group.
+    """
+    ident = message.get("ident")
+    if ident is None:
+        return "no-ident"
+    ident = str(ident)
+    if _GROUP_ID.fullmatch(ident):
+        return ident
+    return "sha256-" + hashlib.sha256(ident.encode()).hexdigest()
+
+
+def pack(bodies: Iterable[bytes], group: str | None = None) -> list[Entry]:
+    """Pack bodies, in order, into as few JSON arrays of at most MAX_BYTES as fit."""
+    entries: list[Entry] = []
+    parts: list[bytes] = []
+    size = 1  # the closing bracket; each part adds its length and a [ or ,
+    for body in bodies:
+        if parts and size + len(body) + 1 > MAX_BYTES:
+            entries.append(Entry(b"[" + b",".join(parts) + b"]", len(parts), group))
+            parts, size = [], 1
+        parts.append(body)
+        size += len(body) + 1
+    if parts:
+        entries.append(Entry(b"[" + b",".join(parts) + b"]", len(parts), group))
+    return entries
+
+
+def make_entries(messages: Sequence[dict], packing: bool, fifo: bool) -> list[Entry]:
+    """The SQS messages for a request, per the contract's packing and FIFO rules."""
+    bodies = encode(messages)
+    if not fifo:
+        if packing:
+            return pack(bodies)
+        return [Entry(body, 1) for body in bodies]
+    groups = [group_id(message) for message in messages]
+    if not packing:
+        return [Entry(body, 1, group) for body, group in zip(bodies, groups)]
+    per_group: dict[str, list[bytes]] = {}
+    for body, group in zip(bodies, groups):
+        per_group.setdefault(group, []).append(body)
+    return [entry for group, members in per_group.items() for entry in pack(members, group)]
+
+
+def plan_batches(entries: Iterable[Entry]) -> list[Batch]:
+    """Fill calls in order, each within MAX_ENTRIES and MAX_BYTES."""
+    batches: list[Batch] = []
+    batch: Batch = []
+    size = 0
+    for entry in entries:
+        if batch and (len(batch) == MAX_ENTRIES or size + len(entry.body) > MAX_BYTES):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(entry)
+        size += len(entry.body)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def plan_lanes(entries: Sequence[Entry], lanes: int) -> list[Lane]:
+    """Split the calls into lanes that may run concurrently.
+
+    Standard queues keep no order, so every call is its own lane. On a FIFO
+    queue, SQS keeps the order of entries within one call but not across
+    concurrent calls, so each device's entries stay in one lane, sent one
+    call after the other, while up to ``lanes`` lanes run side by side.
+    """
+    if not entries or entries[0].group is None:
+        return [[batch] for batch in plan_batches(entries)]
+    lane_of: dict[str, int] = {}
+    members: list[list[Entry]] = [[] for _ in range(max(1, lanes))]
+    for entry in entries:
+        lane = lane_of.setdefault(entry.group, len(lane_of) % len(members))
+        members[lane].append(entry)
+    return [plan_batches(lane) for lane in members if lane]
+
+
+def billed_requests(batch: Batch) -> int:
+    """What SQS bills for one call: one request per started 64 KiB of payload."""
+    payload = sum(len(entry.body) for entry in batch)
+    return max(1, -(-payload // BILLING_CHUNK))
