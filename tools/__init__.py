@@ -1,0 +1,1 @@
+"""Workstation tools: local runner, deploy and provisioning, simulators, benchmark."""
