@@ -372,3 +372,56 @@ def test_exactly_the_undecodable_records_fail(
     assert outcome.failed == ids(event, *(range(len(batch)) if broken else expected_failed))
     assert sink.delivered == ([] if broken else decoded)
     assert outcome.messages == len(decoded)
+
+
+# --------------------------------------------------------------------------- with a real queue
+
+
+def lambda_records(sqs, queue_url: str, queue_arn: str) -> list[dict]:
+    """Receive like Lambda's SQS poller does and reshape into event records."""
+    answer = sqs.receive_message(
+        QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
+    )
+    return [
+        {
+            "messageId": m["MessageId"],
+            "receiptHandle": m["ReceiptHandle"],
+            "body": m["Body"],
+            "attributes": m["Attributes"],
+            "messageAttributes": {},
+            "md5OfBody": m["MD5OfBody"],
+            "eventSource": "aws:sqs",
+            "eventSourceARN": queue_arn,
+            "awsRegion": REGION,
+        }
+        for m in answer.get("Messages", [])
+    ]
+
+
+def test_only_failed_records_come_back_from_the_queue(sqs, judged, capsys) -> None:
+    """The loop Lambda runs: receive, consume, delete all but batchItemFailures, receive again."""
+    queue_url = sqs.create_queue(
+        QueueName=f"consumer-{uuid.uuid4().hex[:8]}", Attributes={"VisibilityTimeout": "0"}
+    )["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    try:
+        for record in judged[0]["Records"]:
+            sqs.send_message(QueueUrl=queue_url, MessageBody=record["body"])
+        records = lambda_records(sqs, queue_url, queue_arn)
+        assert len(records) == 3
+        retry = set(failed(consumer.handle({"Records": records}, None, LOG)))
+        for record in records:
+            if record["messageId"] not in retry:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=record["receiptHandle"])
+        assert len(capsys.readouterr().out.splitlines()) == 4
+
+        again = lambda_records(sqs, queue_url, queue_arn)
+        assert [r["body"] for r in again] == [MALFORMED]
+        assert again[0]["attributes"]["ApproximateReceiveCount"] == "2"
+        consumer.handle({"Records": again}, None, LOG)
+        metrics = orjson.loads(capsys.readouterr().err)
+        assert (metrics["failedRecords"], metrics["redeliveredRecords"]) == (1, 1)
+    finally:
+        sqs.delete_queue(QueueUrl=queue_url)
