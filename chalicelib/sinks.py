@@ -32,7 +32,7 @@ from chalicelib.config import Settings
 #: Statuses worth another try: the receiver is overloaded or briefly broken.
 #: Other non-2xx answers (400, 401, 404, 3xx, ...) will not change on retry.
 RETRYABLE_STATUSES = frozenset({429, *range(500, 600)})
-#: Attempts per delivery; the deadline usually ends the retrying first.
+#: Attempts per delivery, fewer when the Lambda deadline comes first.
 DEFAULT_MAX_ATTEMPTS = 4
 #: Full-jitter exponential backoff: sleep uniform(0, min(cap, base * 2**n)).
 BACKOFF_BASE = 0.1
