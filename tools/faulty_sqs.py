@@ -109,7 +109,9 @@ def _handler_for(proxy: FaultySqs) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            # The body may be rewritten, so its length is set anew on forwarding.
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "content-length")}
             if self.headers.get("X-Amz-Target") in _SEND_TARGETS:
                 self._send_call(headers, body)
             else:
