@@ -49,10 +49,8 @@ def clients(moto_server):
     }
 
 
-@pytest.fixture()
-def rest_api(clients) -> str:
+def create_rest_api(apigw) -> str:
     """A REST API with one method and a deployed ``api`` stage, as Chalice leaves it."""
-    apigw = clients["apigateway"]
     api_id = apigw.create_rest_api(name=f"flespi-sqs-{uuid.uuid4().hex[:8]}")["id"]
     root = apigw.get_resources(restApiId=api_id)["items"][0]["id"]
     resource = apigw.create_resource(restApiId=api_id, parentId=root, pathPart="flespi")["id"]
@@ -66,6 +64,11 @@ def rest_api(clients) -> str:
     apigw.put_integration(restApiId=api_id, resourceId=resource, httpMethod="POST", type="MOCK")
     apigw.create_deployment(restApiId=api_id, stageName="api")
     return api_id
+
+
+@pytest.fixture()
+def rest_api(clients) -> str:
+    return create_rest_api(clients["apigateway"])
 
 
 def consume_trigger(clients, queue_name: str) -> str:
