@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
@@ -101,6 +101,7 @@ def package(
     in the template, so a missing one defaults to us-east-1.
     """
     settings = deploy_config.load(project_dir, stage)
+    _check_policy_wiring(project_dir, stage)
     progress = Progress(3, say)
     progress.step("IAM policy files")
     progress.report(_policy_files(project_dir, settings))
@@ -324,6 +325,7 @@ def _policy_files(project_dir: Path, settings: StageSettings) -> list[provision.
 
 
 def _check_policy_wiring(project_dir: Path, stage: str) -> None:
+    """Refuse early, with the JSON to add, rather than ship another policy."""
     chalice_config = json.loads((project_dir / ".chalice" / "config.json").read_text())
     missing = policies.missing_policy_wiring(chalice_config, stage)
     if missing:
