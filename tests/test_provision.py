@@ -178,6 +178,22 @@ def test_fifo_queue_gets_a_fifo_dlq(clients):
     assert {o.action for o in again} == {"unchanged"}
 
 
+def test_redrive_policy_with_a_quoted_count_counts_as_unchanged(clients):
+    settings = make_settings()
+    provision.ensure_queues(clients["sqs"], settings)
+    sqs = clients["sqs"]
+    url = sqs.get_queue_url(QueueName=settings.queue_name)["QueueUrl"]
+    redrive = json.loads(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])["Attributes"][
+            "RedrivePolicy"
+        ]
+    )
+    redrive["maxReceiveCount"] = str(redrive["maxReceiveCount"])  # as the console writes it
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"RedrivePolicy": json.dumps(redrive)})
+
+    assert {o.action for o in provision.ensure_queues(sqs, settings)} == {"unchanged"}
+
+
 def test_changed_settings_update_only_what_differs(clients):
     settings = make_settings()
     provision.ensure_queues(clients["sqs"], settings)

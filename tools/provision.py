@@ -120,12 +120,20 @@ def _sqs_value(value: Any) -> str:
 
 
 def _same_attribute(current: str | None, wanted: str) -> bool:
-    """Compare JSON attributes (RedrivePolicy) by meaning, others as text."""
+    """Compare JSON attributes (RedrivePolicy) by meaning, others as text.
+
+    SQS may return a number in a JSON attribute as a string (``"5"``), so
+    the fields are compared as text.
+    """
     if current == wanted:
         return True
     if current is None or not wanted.startswith("{"):
         return False
-    return json.loads(current) == json.loads(wanted)
+    return _as_text(json.loads(current)) == _as_text(json.loads(wanted))
+
+
+def _as_text(fields: dict[str, Any]) -> dict[str, str]:
+    return {key: str(value) for key, value in fields.items()}
 
 
 # --- API key and usage plan --------------------------------------------------
