@@ -154,6 +154,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def applied_latency(sqs: dict) -> float:
+    """Mean seconds the stand-in really waited per call (at least the latency asked)."""
+    return sqs["answer_wait_s"] / max(1, sqs["answered"])
+
+
 def per_thousand(runs: list[dict], value) -> float:
     """Median over runs of ``value(run)`` per 1,000 flespi messages."""
     return median([value(run) * 1000 / run["messages"] for run in runs])
@@ -164,13 +169,13 @@ def throughput_table(configs: list[Config], runs: dict[Config, Runs]) -> list[st
     lines = [
         "| configuration | msg/s per stream (min–max) | × naive | ms/request "
         "| SQS calls /1k msgs | billed SQS requests /1k msgs | CPU ms /1k msgs "
-        "| max calls in flight | delivered |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| max calls in flight | SQS latency applied ms | delivered |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for config in configs:
         done = runs[config].throughput
         if not done:
-            lines.append(f"| {config.label} | failed: {runs[config].error} |||||||||")
+            lines.append(f"| {config.label} | failed: {runs[config].error} ||||||||||")
             continue
         rates = [rate(run) for run in done]
         sent = sum(run["messages"] for run in done)
@@ -183,6 +188,7 @@ def throughput_table(configs: list[Config], runs: dict[Config, Runs]) -> list[st
             f"| {per_thousand(done, lambda r: r['sqs']['billed_requests']):,.1f} "
             f"| {per_thousand(done, lambda r: r['cpu_s'] * 1000):,.0f} "
             f"| {max(run['sqs']['max_in_flight'] for run in done)} "
+            f"| {median([1000 * applied_latency(run['sqs']) for run in done]):.2f} "
             f"| {'all' if delivered == sent else f'{delivered:,} of {sent:,}'} |"
         )
     return lines

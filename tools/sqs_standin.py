@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import json
 import math
+import selectors
 import subprocess
 import sys
 import time
@@ -59,6 +60,10 @@ class Stats:
     billed_requests: int = 0
     #: calls answered with an SQS error (a limit broken).
     rejected: int = 0
+    #: SQS calls answered, and their total wait from receipt to answer: the
+    #: latency really applied (the event loop may wake up to ~1 ms late).
+    answered: int = 0
+    answer_wait_s: float = 0.0
     connections: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -179,6 +184,8 @@ class SqsStandIn:
             delay = received + self.latency - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            self.stats.answered += 1
+            self.stats.answer_wait_s += time.monotonic() - received
             return answer
         finally:
             self.stats.in_flight -= 1
@@ -271,7 +278,12 @@ def main() -> None:
         print(port, flush=True)
 
     try:
-        asyncio.run(SqsStandIn(args.latency_ms / 1000).serve(args.port, ready))
+        # select() waits with microsecond precision; epoll (asyncio's default)
+        # rounds every wait up to a whole millisecond, which would add ~0.5 ms
+        # to each call's latency. A hundred-odd sockets are cheap for select().
+        loop_factory = lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())  # noqa: E731
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(SqsStandIn(args.latency_ms / 1000).serve(args.port, ready))
     except KeyboardInterrupt:
         pass
 
