@@ -194,27 +194,45 @@ def throughput_table(configs: list[Config], runs: dict[Config, Runs]) -> list[st
     return lines
 
 
-def cold_memory_table(configs: list[Config], runs: dict[Config, Runs], memory_mb: float) -> list[str]:
+def memory_cells(memory: dict | None) -> list[str]:
+    """Max RSS and tracemalloc peak of one memory run, or why there are none."""
+    if memory is None:
+        return ["not run"] * 2
+    if "error" in memory:
+        return [f"failed: {memory['error']}"] * 2
+    return [f"{memory['max_rss_mb']:,.0f}", f"{memory['traced_peak_mb']:,.0f}"]
+
+
+def cold_memory_table(configs: list[Config], runs: dict[Config, Runs], messages: int) -> list[str]:
+    """Cold start of every configuration; memory columns when memory was measured."""
+    measured = [r.memory for r in runs.values() if r.memory is not None]
+    sizes = [memory["request_bytes"] for memory in measured if "request_bytes" in memory]
     lines = [
-        "| configuration | import ms | first response ms "
-        f"| max RSS MB, {memory_mb:g} MB request | tracemalloc peak MB, {memory_mb:g} MB request |",
-        "|---|--:|--:|--:|--:|",
+        f"Cold start: a fresh interpreter imports the handler, then answers a first request "
+        f"of {messages} messages (first response = import + that request)."
     ]
+    header, rule = "| configuration | import ms | first response ms |", "|---|--:|--:|"
+    if measured:
+        size = f"{max(sizes) / 1e6:.1f} MB" if sizes else "large"
+        lines[0] += (
+            f" Memory, one {size} request: the process's max RSS (Lambda's Max Memory Used), "
+            "and tracemalloc's peak while handling a second one."
+        )
+        header += " max RSS MB | tracemalloc peak MB |"
+        rule += "--:|--:|"
+    lines += ["", header, rule]
     for config in configs:
         done = runs[config].throughput
         if not done:
             continue
-        memory = runs[config].memory or {}
-        if "error" in memory:
-            rss = peak = f"failed: {memory['error']}"
-        elif memory:
-            rss, peak = f"{memory['max_rss_mb']:,.0f}", f"{memory['traced_peak_mb']:,.0f}"
-        else:
-            rss = peak = "not run"
-        lines.append(
-            f"| {config.label} | {median([run['import_ms'] for run in done]):,.0f} "
-            f"| {median([run['first_response_ms'] for run in done]):,.0f} | {rss} | {peak} |"
-        )
+        cells = [
+            config.label,
+            f"{median([run['import_ms'] for run in done]):,.0f}",
+            f"{median([run['first_response_ms'] for run in done]):,.0f}",
+        ]
+        if measured:
+            cells += memory_cells(runs[config].memory)
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -225,14 +243,15 @@ def git_revision() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def report(args: argparse.Namespace, configs: list[Config], runs: dict[Config, Runs]) -> str:
+def report(
+    argv: list[str], args: argparse.Namespace, configs: list[Config], runs: dict[Config, Runs]
+) -> str:
     """The whole markdown report: setup, throughput table, cold start and memory."""
     bodies = [run["body_bytes"] / run["messages"] for r in runs.values() for run in r.throughput]
-    memory_sizes = [r.memory["request_bytes"] for r in runs.values() if r.memory and "request_bytes" in r.memory]
     lines = [
         "## Ingest benchmark",
         "",
-        f"`{' '.join(['python -m tools.bench', *sys.argv[1:]])}` — "
+        f"`{' '.join(['python -m tools.bench', *argv])}` — "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}, git {git_revision()}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs.",
         f"One flespi stream, {args.requests} requests of {args.messages} messages "
@@ -242,9 +261,7 @@ def report(args: argparse.Namespace, configs: list[Config], runs: dict[Config, R
         *throughput_table(configs, runs),
         "",
     ]
-    if memory_sizes:
-        lines.append(f"Cold start (fresh interpreter) and memory for one {max(memory_sizes) / 1e6:.1f} MB request:")
-    lines += ["", *cold_memory_table(configs, runs, args.memory_mb), ""]
+    lines += [*cold_memory_table(configs, runs, args.messages), ""]
     return "\n".join(lines)
 
 
@@ -272,7 +289,7 @@ def concurrency_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10, help="timed requests per run")
     parser.add_argument("--messages", type=int, default=1000, help="flespi messages per request")
@@ -293,12 +310,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     configs = configurations(args.concurrency)
     with StandIn(args.latency_ms) as standin:
         progress(f"SQS stand-in at {standin.endpoint}, latency {args.latency_ms:g} ms")
         runs = measure(args, configs, standin.endpoint)
-    text = report(args, configs, runs) + "\n" + consumer_section(args.consumer)
+    text = report(argv, args, configs, runs) + "\n" + consumer_section(args.consumer)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     print(text)
