@@ -31,7 +31,7 @@ _ANSWER_MARGIN = 1.0
 @functools.lru_cache(maxsize=4)
 def sender(queue_name: str, concurrency: int) -> sqs.Sender:
     """One SQS connection pool and thread pool per container (and queue)."""
-    return sqs.Sender(sqs.SqsTransport(queue_name, concurrency), concurrency)
+    return sqs.Sender(sqs.SqsTransport(queue_name), concurrency)
 
 
 def handle(request: Any, context: Any, settings: Settings) -> Response:

@@ -2,13 +2,13 @@
 
 Why not ``boto3.client("sqs").send_message_batch``: a 1000-message flespi
 request needs 100 calls, and botocore spends most of a call's CPU on generic
-work (parameter validation, endpoint rules, event hooks, response parsing)
-while the calls themselves wait on the network. Lambda runs our threads on
-one GIL, so that CPU is the ceiling on throughput (see ``make bench``). We
-keep botocore for what must be right - credentials, region, the endpoint
-(``AWS_ENDPOINT_URL`` included) and SigV4 signing - and do the one hot call
-ourselves: serialise with orjson, POST over a kept-alive urllib3 pool (the
-one botocore itself uses), parse with orjson.
+work (parameter validation, endpoint rules, event hooks, a general signer,
+http.client) while the call itself waits on the network. Lambda runs our
+threads on one GIL, so that CPU is the ceiling on throughput (``make bench``
+shows it). We keep botocore for what must be right - credentials, region,
+the endpoint (``AWS_ENDPOINT_URL`` included), the CA bundle and the one
+GetQueueUrl call - and make the hot call lean: orjson, a narrow SigV4 signer
+(``sigv4``) and a kept-alive HTTP/1.1 pool (``http1``).
 
 Losslessness: a message counts as sent only when SQS lists it under
 ``Successful``. Failed entries, throttling, 5xx and broken connections are
@@ -21,15 +21,13 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
-from urllib.parse import urlsplit
+from typing import Mapping, Sequence
 
 import botocore.session
 import orjson
-import urllib3
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.httpsession import get_cert_path
 
+from . import http1, sigv4
 from .pack import Batch, Entry, Lane, billed_requests
 
 # Error codes worth another try: botocore's throttling and transient lists
@@ -47,7 +45,6 @@ RETRYABLE_CODES = frozenset(
 )
 _FIRST_BACKOFF = 0.02
 _MAX_BACKOFF = 1.0
-_CONNECT_TIMEOUT = 2.0
 _READ_TIMEOUT = 10.0
 
 
@@ -91,63 +88,58 @@ class SendReport:
 class SqsTransport:
     """One queue's SendMessageBatch over a kept-alive, signed HTTP pool."""
 
-    def __init__(self, queue_name: str, connections: int) -> None:
+    def __init__(self, queue_name: str) -> None:
         session = botocore.session.Session()
         client = session.create_client("sqs")
         # One GetQueueUrl per container: no STS, no account id in config.
         self.queue_url: str = client.get_queue_url(QueueName=queue_name)["QueueUrl"]
         self.fifo = queue_name.endswith(".fifo")
         self._credentials = session.get_credentials()
-        self._region: str = client.meta.region_name
-        self._url: str = client.meta.endpoint_url
-        self._path = urlsplit(self._url).path or "/"
-        self._pool = urllib3.connection_from_url(self._url, maxsize=connections)
+        self._signer = sigv4.Signer(client.meta.region_name, "sqs")
+        self._pool = http1.Pool(client.meta.endpoint_url, get_cert_path(True))
+        self._queue_url_json = orjson.dumps(self.queue_url)
 
     def payload(self, batch: Batch, positions: Sequence[int]) -> bytes:
-        """The JSON request for the entries at ``positions``; Ids are positions."""
-        entries = []
+        """The JSON request for the entries at ``positions``; Ids are positions.
+
+        Built by hand rather than by ``orjson.dumps`` of a dict: each body is
+        already compact JSON from orjson (no raw control characters), so only
+        backslashes and quotes need escaping to make it a JSON string, and
+        decoding a packed 1 MiB body to ``str`` first would cost more.
+        """
+        parts = []
         for position in positions:
             entry = batch[position]
-            item = {"Id": str(position), "MessageBody": entry.body.decode()}
+            escaped = entry.body.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+            item = b'{"Id":"%d","MessageBody":"%s"' % (position, escaped)
             if self.fifo:
-                item["MessageGroupId"] = entry.group
-                item["MessageDeduplicationId"] = entry.dedup_id
-            entries.append(item)
-        return orjson.dumps({"QueueUrl": self.queue_url, "Entries": entries})
+                item += b',"MessageGroupId":%s,"MessageDeduplicationId":"%s"' % (
+                    orjson.dumps(entry.group), entry.dedup_id.encode()
+                )
+            parts.append(item + b"}")
+        return b'{"QueueUrl":%s,"Entries":[%s]}' % (self._queue_url_json, b",".join(parts))
 
     def call(self, batch: Batch, positions: Sequence[int], timeout: float) -> CallOutcome:
         """One SendMessageBatch; sorts each entry into succeeded/retry/failed."""
         body = self.payload(batch, positions)
-        request = AWSRequest(
-            method="POST",
-            url=self._url,
-            data=body,
-            headers={
-                "Content-Type": "application/x-amz-json-1.0",
-                "X-Amz-Target": "AmazonSQS.SendMessageBatch",
-            },
-        )
-        SigV4Auth(self._credentials.get_frozen_credentials(), "sqs", self._region).add_auth(
-            request
+        headers = self._signer.headers(
+            self._credentials.get_frozen_credentials(),
+            self._pool.host,
+            self._pool.path,
+            "AmazonSQS.SendMessageBatch",
+            body,
         )
         try:
-            response = self._pool.urlopen(
-                "POST",
-                self._path,
-                body=body,
-                headers=dict(request.headers.items()),
-                retries=False,
-                timeout=urllib3.Timeout(connect=min(timeout, _CONNECT_TIMEOUT), read=timeout),
-            )
-        except urllib3.exceptions.HTTPError as exc:
+            response = self._pool.post(headers, body, timeout)
+        except http1.HttpError as exc:
             # Reset, refused or timed out: SQS may or may not have the
             # messages, so they are retried (duplicates are allowed, loss not).
-            return CallOutcome(retry=list(positions), error=type(exc).__name__)
-        return _outcome(response.status, response.headers, response.data, positions)
+            return CallOutcome(retry=list(positions), error=type(exc.__cause__).__name__)
+        return _outcome(response.status, response.headers, response.body, positions)
 
 
 def _outcome(
-    status: int, headers: urllib3.HTTPHeaderDict, data: bytes, positions: Sequence[int]
+    status: int, headers: Mapping[str, str], data: bytes, positions: Sequence[int]
 ) -> CallOutcome:
     """Read a SendMessageBatch answer; anything unreadable is retried."""
     try:
@@ -182,7 +174,7 @@ def _outcome(
     return outcome
 
 
-def _error_code(headers: urllib3.HTTPHeaderDict, answer: dict, status: int) -> str:
+def _error_code(headers: Mapping[str, str], answer: dict, status: int) -> str:
     """The AWS error code of a failed call, however SQS chose to say it."""
     query_error = headers.get("x-amzn-query-error")
     if query_error:
