@@ -34,8 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results" / "latest.md"
 QUEUE_NAME = "flespi-bench"
 WORKER_TIMEOUT_S = 900
-#: Compact JSON bytes per generated message, for sizing the memory request.
-BYTES_PER_MESSAGE_GUESS = 600
 
 
 @dataclass(frozen=True)
@@ -136,12 +134,7 @@ def measure(args: argparse.Namespace, configs: list[Config], endpoint: str) -> d
                 f"{result['cpu_s'] * 1000 / result['messages'] * 1000:,.0f} CPU ms/1k msgs"
             )
     if args.memory_mb > 0:
-        memory_spec = {
-            **spec,
-            "mode": "memory",
-            "memory_bytes": args.memory_mb * 1_000_000,
-            "bytes_per_message": BYTES_PER_MESSAGE_GUESS,
-        }
+        memory_spec = {**spec, "mode": "memory", "memory_bytes": args.memory_mb * 1_000_000}
         for config in configs:
             if runs[config].error:
                 continue
@@ -301,10 +294,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="comma-separated SEND_CONCURRENCY values (default: the app's own default)",
     )
-    parser.add_argument("--memory-mb", type=float, default=5.0, help="request size for memory; 0 skips")
+    parser.add_argument(
+        "--memory-mb", type=float, default=5.0, help="request size for memory; 0 skips"
+    )
     parser.add_argument("--seed", type=int, default=1, help="load generator seed")
-    parser.add_argument("--consumer", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run tools.bench_consumer if it exists")
+    parser.add_argument(
+        "--consumer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run tools.bench_consumer if it exists",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the report is written")
     return parser.parse_args(argv)
 

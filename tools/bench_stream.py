@@ -163,8 +163,9 @@ def run(handler: Callable | Exception, binary: bool, spec_json: str, import_s: f
         if isinstance(handler, Exception):
             raise handler
         stream = FlespiStream(spec["seed"])
-        first = api_gateway_event(stream.body(spec["messages"]), binary)
-        first_s = invoke(handler, first)
+        first = stream.body(spec["messages"])
+        spec["bytes_per_message"] = len(first) / spec["messages"]
+        first_s = invoke(handler, api_gateway_event(first, binary))
         measure = measure_throughput if spec["mode"] == "throughput" else measure_memory
         result = {
             "import_ms": import_s * 1000,
