@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for logger in (LOG, sqs_trigger.LOG):
         logger.setLevel(logging.INFO)
+    # werkzeug (moto's server) raises its own logger to INFO unless it has a level.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     serve(parse_options(argv, os.environ), stop)
     LOG.info("stopped")
     return 0
