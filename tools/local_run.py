@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Mapping
 
+import boto3
 from chalice.app import Chalice
 from chalice.cli.factory import CLIFactory
 from chalice.config import Config
@@ -272,17 +273,25 @@ def banner(app: Chalice, options: Options, port: int, sqs_endpoint: str,
     return "\n".join(lines)
 
 
+def load_app(options: Options) -> tuple[Chalice, Config]:
+    """Import the project's app as ``chalice local`` does, in the stage's environment.
+
+    The app reads its settings at import, so the variables must be in place
+    first; unlike ``chalice local``, a variable set in the shell wins over
+    the stage's value, so ``PACKING=on make run`` works.
+    """
+    factory = CLIFactory(str(options.project_dir), environ=os.environ)
+    config = factory.create_config_obj(chalice_stage_name=options.stage)
+    return factory.load_chalice_app(stage_environment(config, os.environ)), config
+
+
 def serve(options: Options, stop: threading.Event) -> None:
     """Run everything until ``stop`` is set, then take it down in reverse order."""
     sqs_server, sqs_port = start_sqs(options.sqs_port)
     try:
         endpoint = f"http://{HOST}:{sqs_port}"
         point_aws_at(endpoint)
-        import boto3
-
-        factory = CLIFactory(str(options.project_dir), environ=os.environ)
-        config = factory.create_config_obj(chalice_stage_name=options.stage)
-        app = factory.load_chalice_app(stage_environment(config, os.environ))
+        app, config = load_app(options)
         sources = sqs_trigger.discover(app, config, options.stage)
         sqs = boto3.client("sqs")
         queues = {
@@ -297,8 +306,7 @@ def serve(options: Options, stop: threading.Event) -> None:
         port = http.server.server_address[1]
         sys.stderr.write(banner(app, options, port, endpoint, queues, sources) + "\n")
         LOG.info("ready: listening on http://%s:%s", HOST, port)
-        while not stop.wait(0.5):
-            pass
+        stop.wait()
         LOG.info("stopping")
         http.shutdown()
         http.server.server_close()
