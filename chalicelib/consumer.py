@@ -145,12 +145,12 @@ def handle(
         {
             "records": outcome.records,
             "messages": outcome.messages,
-            "failedRecords": len(outcome.failed),
-            "redeliveredRecords": outcome.redelivered,
-            "durationMs": round((time.perf_counter() - started) * 1000, 3),
+            "failed_records": len(outcome.failed),
+            "redelivered_records": outcome.redelivered,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         },
         # The first few reasons are enough to diagnose; the rest repeat them.
         {"sink": type(sink).__name__, "fifo": settings.fifo, "errors": outcome.errors[:10]},
-        units={"durationMs": "Milliseconds"},
+        units={"duration_ms": "Milliseconds"},
     )
     return outcome.response()

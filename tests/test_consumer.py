@@ -215,8 +215,8 @@ def test_log_sink_prints_exactly_one_compact_line_per_message(judged, capsys) ->
     assert out.splitlines() == [compact(m) for m in messages]
     assert out.endswith("\n") and out.count("\n") == 4
     [metrics] = metric_lines(err)  # exactly one structured line, on stderr
-    assert (metrics["records"], metrics["messages"], metrics["failedRecords"]) == (3, 4, 1)
-    assert metrics["operation"] == "consume" and metrics["durationMs"] >= 0
+    assert (metrics["records"], metrics["messages"], metrics["failed_records"]) == (3, 4, 1)
+    assert metrics["operation"] == "consume" and metrics["duration_ms"] >= 0
     assert event["Records"][2]["messageId"] in metrics["errors"][0]
 
 
@@ -427,6 +427,6 @@ def test_only_failed_records_come_back_from_the_queue(sqs, judged, capsys) -> No
         assert again[0]["attributes"]["ApproximateReceiveCount"] == "2"
         consumer.handle({"Records": again}, None, LOG)
         [metrics] = metric_lines(capsys.readouterr().err)
-        assert (metrics["failedRecords"], metrics["redeliveredRecords"]) == (1, 1)
+        assert (metrics["failed_records"], metrics["redelivered_records"]) == (1, 1)
     finally:
         sqs.delete_queue(QueueUrl=queue_url)
