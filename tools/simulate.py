@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -60,8 +61,8 @@ class Device:
             self.heading = (self.heading + rng.uniform(-20, 20)) % 360
             speed = rng.randint(0, 90)
             step = speed / 3600 / 111  # degrees travelled in about a second
-            self.latitude += step * rng.uniform(0.5, 1.0)
-            self.longitude += step * rng.uniform(0.5, 1.0)
+            self.latitude += step * math.cos(math.radians(self.heading))
+            self.longitude += step * math.sin(math.radians(self.heading))
             message.update({
                 "position.latitude": round(self.latitude, 6),
                 "position.longitude": round(self.longitude, 6),
@@ -72,17 +73,18 @@ class Device:
 
 
 def fleet(samples: list[dict], devices: int, rng: random.Random) -> list[Device]:
-    """``devices`` trackers, templates taken from the samples in turn."""
-    return [
-        Device(
-            number=n,
-            template=samples[n % len(samples)],
-            latitude=samples[n % len(samples)].get("position.latitude", 0) + rng.uniform(-1, 1),
-            longitude=samples[n % len(samples)].get("position.longitude", 0) + rng.uniform(-1, 1),
+    """``devices`` trackers, templates taken from the samples in turn, spread around them."""
+    tracked = []
+    for number in range(devices):
+        template = samples[number % len(samples)]
+        tracked.append(Device(
+            number=number,
+            template=template,
+            latitude=template.get("position.latitude", 0) + rng.uniform(-0.5, 0.5),
+            longitude=template.get("position.longitude", 0) + rng.uniform(-0.5, 0.5),
             heading=rng.uniform(0, 360),
-        )
-        for n in range(devices)
-    ]
+        ))
+    return tracked
 
 
 def batches(devices: list[Device], size: int, rng: random.Random) -> Iterator[list[dict]]:
