@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAGE  ?= dev
 
-.PHONY: setup run simulate test bench fuzz soak package deploy destroy clean
+.PHONY: setup run simulate test bench fuzz soak package deploy destroy rotate-key retire-keys clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 setup: $(VENV)/.installed
 
 run: setup           ## the whole pipeline locally: embedded SQS, API, consumer
-	$(PY) -m tools.local_run
+	$(PY) -m tools.local_run --stage $(STAGE)
 
 simulate: setup      ## a flespi stream against make run (or URL=...)
 	$(PY) -m tools.simulate $(ARGS)
@@ -40,6 +40,12 @@ deploy: setup        ## real AWS: queues, app, API key, usage plan
 
 destroy: setup       ## real AWS: remove what deploy made (DELETE_QUEUES=1 for queues)
 	$(PY) -m tools.deploy destroy --stage $(STAGE) $(if $(DELETE_QUEUES),--delete-queues)
+
+rotate-key: setup    ## real AWS: add a new API key (the old one keeps working)
+	$(PY) -m tools.deploy rotate-key --stage $(STAGE)
+
+retire-keys: setup   ## real AWS: delete API keys older than the newest
+	$(PY) -m tools.deploy retire-keys --stage $(STAGE)
 
 clean:
 	rm -rf $(VENV) dist .pytest_cache .hypothesis
