@@ -64,7 +64,10 @@ def sqs_safe(body: bytes) -> bytes:
 
 def encode(messages: Sequence[dict]) -> list[bytes]:
     """Compact JSON per message, SQS-safe, each within SQS's size limit (413)."""
-    bodies = [orjson.dumps(message) for message in messages]
+    try:
+        bodies = [orjson.dumps(message) for message in messages]
+    except orjson.JSONEncodeError:
+        raise RequestError(400, _too_deep(messages)) from None
     if b"\xef" in b"".join(bodies):  # rare: only then look at each one
         bodies = [sqs_safe(body) for body in bodies]
     for index, body in enumerate(bodies):
@@ -75,6 +78,17 @@ def encode(messages: Sequence[dict]) -> list[bytes]:
                 f"an SQS message holds at most {MAX_BYTES:,}",
             )
     return bodies
+
+
+def _too_deep(messages: Sequence[dict]) -> str:
+    """Name the message orjson cannot serialise: it parses 1024 levels of
+    nesting but writes only 254, so a deeper message must be refused (400)."""
+    for index, message in enumerate(messages):
+        try:
+            orjson.dumps(message)
+        except orjson.JSONEncodeError as exc:
+            return f"message {index} cannot be forwarded: {exc} (nested too deeply)"
+    return "a message cannot be serialised as JSON"
 
 
 def group_id(message: dict) -> str:
@@ -124,8 +138,11 @@ def make_entries(messages: Sequence[dict], packing: bool, fifo: bool) -> list[En
         members[None] = list(messages)
     # Fast path, the common case: each group's messages fit one SQS message,
     # so one orjson call makes the packed array.
-    whole = {group: sqs_safe(orjson.dumps(batch)) for group, batch in members.items()}
-    if all(len(body) <= MAX_BYTES for body in whole.values()):
+    try:
+        whole = {group: sqs_safe(orjson.dumps(batch)) for group, batch in members.items()}
+    except orjson.JSONEncodeError:  # too deep: encode below names the message
+        whole = None
+    if whole is not None and all(len(body) <= MAX_BYTES for body in whole.values()):
         return [Entry(body, len(members[group]), group) for group, body in whole.items()]
     grouped: dict[str | None, list[bytes]] = {}
     for body, group in zip(encode(messages), groups):  # encode names a 413's index
