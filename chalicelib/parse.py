@@ -47,18 +47,31 @@ def inflate(body: bytes, content_encoding: str | None) -> bytes:
         return body
     if encoding not in ("gzip", "x-gzip"):
         raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; use gzip")
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(body, MAX_INFLATED_BYTES)
-    except zlib.error as exc:
-        raise RequestError(400, f"body is not valid gzip: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise RequestError(
-            413, f"gzip body inflates beyond {MAX_INFLATED_BYTES:,} bytes; send smaller batches"
-        )
-    if not inflater.eof:
-        raise RequestError(400, "body is not valid gzip: the stream is truncated")
-    return inflated
+    # A gzip body may hold several members (RFC 1952 2.2; ``cat a.gz b.gz``):
+    # each is inflated in turn, and the limit counts them all. Anything after
+    # the last member but zero padding is refused, never silently dropped.
+    parts: list[bytes] = []
+    room = MAX_INFLATED_BYTES
+    rest = body
+    while True:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:  # one byte more than the room left shows the limit is passed
+            part = inflater.decompress(rest, room + 1)
+        except zlib.error as exc:
+            raise RequestError(400, f"body is not valid gzip: {exc}") from None
+        room -= len(part)
+        parts.append(part)
+        if room < 0:
+            raise RequestError(
+                413, f"gzip body inflates beyond {MAX_INFLATED_BYTES:,} bytes; send smaller batches"
+            )
+        if not inflater.eof:
+            raise RequestError(400, "body is not valid gzip: the stream is truncated")
+        rest = inflater.unused_data
+        if not rest.strip(b"\0"):
+            return b"".join(parts) if len(parts) > 1 else parts[0]
+        if not rest.startswith(b"\x1f\x8b"):
+            raise RequestError(400, "body is not valid gzip: data after the end of the stream")
 
 
 def load_messages(body: bytes) -> list[dict]:

@@ -298,6 +298,50 @@ def test_gzip_bomb_is_refused_without_inflating_it(route):
     assert check_invariant(route, bomb, headers, packing=False) == 413
 
 
+def test_multi_member_gzip_keeps_every_member(route):
+    """Regression: RFC 1952 allows several members (``cat a.gz b.gz``); the
+    parser used to read the first and answer 200, silently dropping the rest."""
+    first, second = [{"ident": "1", "n": 1}], [{"ident": "2", "n": 2}]
+    body = gzip.compress(orjson.dumps(first)[:-1] + b",") + gzip.compress(
+        orjson.dumps(second)[1:])
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert check_invariant(route, body, headers, packing=True) == 200
+
+
+def test_a_second_gzip_member_is_never_ignored(route):
+    """Regression: a body of two complete gzip members, each a JSON array, was
+    answered 200 with the second member's messages dropped. Inflated whole
+    it is not one JSON document, so it is refused and nothing is lost."""
+    body = gzip.compress(b'[{"ident":"1"}]') + gzip.compress(b'[{"ident":"2"}]')
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert check_invariant(route, body, headers, packing=False) == 400
+
+
+@pytest.mark.parametrize("tail", [b"junk", b"\x1f\x8b\x08garbage"], ids=["garbage", "bad member"])
+def test_data_after_the_gzip_stream_is_refused_not_dropped(route, tail):
+    body = gzip.compress(b'[{"ident":"1"}]') + tail
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert check_invariant(route, body, headers, packing=False) == 400
+
+
+def test_gzip_zero_padding_is_tolerated(route):
+    """gzip(1) and Python's gzip accept zero padding after the last member."""
+    body = gzip.compress(b'[{"ident":"1"}]') + b"\0" * 16
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert check_invariant(route, body, headers, packing=False) == 200
+
+
+def test_gzip_at_exactly_the_limit_is_taken_one_byte_more_is_not():
+    room = parse.MAX_INFLATED_BYTES
+    exact = b"[" + b" " * (room - 4) + b"{}]"
+    assert parse.read_request(gzip.compress(exact, 1), {"content-encoding": "gzip"}) == [{}]
+    split = gzip.compress(exact[:-1], 1) + gzip.compress(b"]")
+    assert parse.read_request(split, {"content-encoding": "gzip"}) == [{}]
+    with pytest.raises(parse.RequestError) as refused:
+        parse.read_request(gzip.compress(exact + b" ", 1), {"content-encoding": "gzip"})
+    assert refused.value.status == 413
+
+
 # --------------------------------------------------------------------------- known gap
 
 
