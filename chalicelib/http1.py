@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import threading
+from typing import Callable
 from urllib.parse import urlsplit
 
 _MAX_HEAD = 64 * 1024
@@ -50,8 +51,18 @@ class Pool:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    def post(self, headers: dict[str, str], body: bytes, timeout: float) -> Response:
-        """One request/response exchange; raises HttpError if it breaks."""
+    def post(
+        self,
+        headers: dict[str, str],
+        body: bytes,
+        timeout: float,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> Response:
+        """One request/response exchange; raises HttpError if it breaks.
+
+        ``while_waiting`` runs once the request is sent, before the answer is
+        read: the caller's chance to do other work during the round trip.
+        """
         head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         request = (
             f"POST {self.path} HTTP/1.1\r\n{head}content-length: {len(body)}\r\n\r\n"
@@ -61,6 +72,8 @@ class Pool:
             connection = self._acquire(timeout)
             connection.settimeout(timeout)
             connection.sendall(request)
+            if while_waiting is not None:
+                while_waiting()
             response, keep = _read_response(connection)
         except (OSError, ValueError) as exc:
             if connection is not None:

@@ -53,9 +53,13 @@ def handle(request: Any, context: Any, settings: Settings) -> Response:
     except (BotoCoreError, ClientError) as exc:
         error = f"SQS queue {settings.queue_name!r} is not reachable: {exc}"
         return _answer(503, {"error": error}, started, {"messages": len(messages)})
-    report = send.send(pack.plan_lanes(entries, settings.send_concurrency), deadline)
+    received = len(messages)
+    lanes = pack.plan_lanes(entries, settings.send_concurrency)
+    # The entries hold everything SQS needs; the parsed messages are freed
+    # while the first call is on the wire.
+    report = send.send(lanes, deadline, while_waiting=messages.clear)
     counts = {
-        "messages": len(messages),
+        "messages": received,
         "sqs_messages": report.sqs_messages,
         "sqs_calls": report.calls,
         "retries": report.retries,
@@ -64,7 +68,7 @@ def handle(request: Any, context: Any, settings: Settings) -> Response:
     }
     if report.unsent:
         error = (
-            f"SQS took {report.messages} of {len(messages)} messages before the deadline "
+            f"SQS took {report.messages} of {received} messages before the deadline "
             f"(errors: {report.errors or 'none'}); resend the batch"
         )
         body = {"error": error, "stored": report.messages, "unsent": report.unsent}
