@@ -231,8 +231,9 @@ flespi HTTP stream settings — stage {settings.stage}
   method          POST, body: JSON array of messages
   custom header   x-api-key: {stream.api_key}
   limit_messages  {SUGGESTED_LIMIT_MESSAGES} at most — a batch must stay well under Lambda's 6 MB
-                  (~{SUGGESTED_LIMIT_MESSAGES:,} messages of ~1 KB); lower it for larger messages, or
-                  flespi resends an oversized batch forever.
+                  (~{SUGGESTED_LIMIT_MESSAGES:,} messages of ~1 KB); API Gateway passes the body
+                  base64-encoded, a third larger, so a body over ~4.4 MB never arrives. Lower it
+                  for larger messages, or flespi resends an oversized batch forever.
   source IPs      {allow}
 
 Rotate the key: {rotate}
