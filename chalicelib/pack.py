@@ -64,11 +64,11 @@ def sqs_safe(body: bytes) -> bytes:
 
 def encode(messages: Sequence[dict]) -> list[bytes]:
     """Compact JSON per message, SQS-safe, each within SQS's size limit (413)."""
-    try:
-        # orjson's result keeps the large buffer it was written into (tracemalloc
+    # orjson's result keeps the large buffer it was written into (tracemalloc
     # sees ~11 KB per 600-byte message); a copy of just the bytes frees it at
     # once. Measured on 8,300 messages: 35 ms and +40 MB RSS without, 10 ms with.
-    bodies = [bytes(memoryview(orjson.dumps(message))) for message in messages]
+    try:
+        bodies = [bytes(memoryview(orjson.dumps(message))) for message in messages]
     except orjson.JSONEncodeError:
         raise RequestError(400, _too_deep(messages)) from None
     if b"\xef" in b"".join(bodies):  # rare: only then look at each one
