@@ -136,6 +136,9 @@ def _handler_for(proxy: FaultySqs) -> type[BaseHTTPRequestHandler]:
                 return self._error(400, "ThrottlingException", "injected throttling")
             request = json.loads(body)
             failed = self._drop_entries(request)
+            if failed and not request["Entries"]:  # SQS answers 200, every entry Failed
+                answer = json.dumps({"Successful": [], "Failed": failed}).encode()
+                return self._reply(200, [("Content-Type", "application/x-amz-json-1.0")], answer)
             status, answer_headers, answer = proxy.forward(
                 "POST", self.path, headers, json.dumps(request).encode()
             )
@@ -165,9 +168,6 @@ def _handler_for(proxy: FaultySqs) -> type[BaseHTTPRequestHandler]:
                 else:
                     kept.append(entry)
             proxy.counts.bump("entries_failed", len(failed))
-            if not kept:  # SQS refuses an empty batch; keep one to forward
-                kept.append(request["Entries"][0])
-                failed = [f for f in failed if f["Id"] != kept[0]["Id"]]
             request["Entries"] = kept
             return failed
 
