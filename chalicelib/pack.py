@@ -111,7 +111,11 @@ def group_id(message: dict) -> str:
 
 
 def pack(bodies: Iterable[bytes], group: str | None = None) -> list[Entry]:
-    """Pack bodies, in order, into as few JSON arrays of at most MAX_BYTES as fit."""
+    """Pack bodies, in order, into as few JSON arrays of at most MAX_BYTES as fit.
+
+    A body within 2 bytes of the limit fits no array, not even alone: it goes
+    as a bare object (consumers tell the two apart by the first character).
+    """
     entries: list[Entry] = []
     parts: list[bytes] = []
     size = 1  # the closing bracket; each part adds its length and a [ or ,
@@ -119,6 +123,9 @@ def pack(bodies: Iterable[bytes], group: str | None = None) -> list[Entry]:
         if parts and size + len(body) + 1 > MAX_BYTES:
             entries.append(Entry(b"[" + b",".join(parts) + b"]", len(parts), group))
             parts, size = [], 1
+        if len(body) + 2 > MAX_BYTES:
+            entries.append(Entry(body, 1, group))
+            continue
         parts.append(body)
         size += len(body) + 1
     if parts:

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import orjson
 import pytest
 from chalice.test import Client
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
 from hypothesis import strategies as st
 
 import app as app_module
@@ -53,7 +53,8 @@ settings.register_profile(
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "small")
 FUZZ = settings.get_profile(_PROFILE if _PROFILE in ("small", "fuzz") else "small")
 
-pytestmark = pytest.mark.fuzz
+#: make fuzz's budget is its example count, not pytest.ini's 120 s per test.
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(0 if FUZZ.max_examples > 100 else 120)]
 
 ACCEPTED_TYPES = list(parse.ACCEPTED_MEDIA_TYPES) + ["application/json; charset=utf-8"]
 CLIENT_ERRORS = {400, 413, 415}
@@ -112,6 +113,8 @@ def check_invariant(route: Route, body: bytes, headers: dict[str, str],
     """The one rule of this file; returns the status for tests that expect one."""
     calls_before = route.proxy.counts.calls
     status, answer = route.post(body, headers, packing)
+    if currently_in_test_context():  # shown by --hypothesis-show-statistics
+        event(f"status {status}")
     assert status == 200 or status in CLIENT_ERRORS, (status, answer)
     landed = flespi_messages(drain(route.sqs, route.url))
     if status == 200:
@@ -241,8 +244,10 @@ def test_deep_nesting_is_stored_or_refused(route, depth, opener, packing):
 @settings(FUZZ, max_examples=max(8, FUZZ.max_examples // 50))  # up to 1 MiB each through moto
 @given(size=st.integers(pack.MAX_BYTES - 40, pack.MAX_BYTES + 40),
        filler=st.sampled_from(["x", "é", "\uffff"]), packing=st.booleans())
+@example(size=pack.MAX_BYTES - 1, filler="x", packing=True)  # regression: was a 503 forever
 def test_messages_around_the_sqs_limit(route, size, filler, packing):
-    """413 exactly when a message's SQS body (UTF-8, U+FFFF escaped) passes 1 MiB."""
+    """413 exactly when a message's SQS body (UTF-8, U+FFFF escaped) passes 1 MiB;
+    packed, a message too big for even a one-item array goes bare."""
     frame = len(orjson.dumps({"ident": "1", "blob": ""}))
     unit = len(pack.sqs_safe(filler.encode()))
     message = {"ident": "1", "blob": filler * ((size - frame) // unit)}
