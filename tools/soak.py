@@ -493,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # Two local triggers share the container's one-connection sink pool.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # The app logs a line per request and per batch on stderr: to a file.
     app_log = tempfile.NamedTemporaryFile("w", prefix="soak-app-", suffix=".log", delete=False)
     terminal = sys.stderr
