@@ -41,6 +41,8 @@ from typing import Any, Iterable, Iterator
 
 import boto3
 import orjson
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError
 from chalice.app import Chalice
 from chalice.config import Config
 from chalice.local import CustomLocalChalice
@@ -216,7 +218,10 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         empty_checks = 0
         while time.monotonic() < deadline:
-            empty_checks = empty_checks + 1 if self.queued() == 0 else 0
+            try:
+                empty_checks = empty_checks + 1 if self.queued() == 0 else 0
+            except BotoCoreError:  # a busy moto answers slowly; ask again
+                empty_checks = 0
             if empty_checks == 2:
                 return True
             time.sleep(0.5)
@@ -415,9 +420,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--duration", type=float, default=60, help="seconds of streaming (60)")
     add("--streams", type=int, default=4, help="simulated flespi streams at once (4)")
-    add("--batch", type=int, default=100, help="messages per request (100)")
+    add("--batch", type=int, default=20, help="messages per request (20)")
     add("--devices", type=int, default=10, help="devices per stream (10)")
-    add("--rate", type=float, default=0, help="messages/s per stream; 0: full speed (0)")
+    add("--rate", type=float, default=10,
+        help="messages/s per stream; 0: full speed (10: moto, the local SQS, slows down "
+             "as its queue grows, so the streams stay within what it drains)")
     add("--packing", choices=["off", "on"], default="off", help="the app's PACKING (off)")
     add("--consumers", type=int, default=2, help="local triggers polling the queue (2)")
     add("--server-error", type=float, default=0.02, help="SQS call answered 500 (0.02)")
@@ -442,6 +449,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class Heartbeat:
+    """A line every ``every`` seconds while the streams run, so a long soak shows life."""
+
+    def __init__(self, log: Any, pipeline: Pipeline, started: float, every: float = 15) -> None:
+        self._log, self._pipeline, self._started, self._every = log, pipeline, started, every
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Heartbeat":
+        threading.Thread(target=self._run, name="heartbeat", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                queued = f"{self._pipeline.queued():,}"
+            except BotoCoreError:
+                queued = "?"
+            self._log(f"  {time.monotonic() - self._started:5.0f} s: {queued} queued")
+
+
 #: Seconds the consumer's http sink may wait for one POST; a hung POST waits longer.
 SINK_TIMEOUT = 1.0
 
@@ -464,7 +494,9 @@ def soak(args: argparse.Namespace, log: Any) -> Report:
             options = local_run.Options(ROOT, "dev", 0, 0, "soak-key", args.max_receive_count,
                                         args.visibility_timeout)
             app, config = local_run.load_app(options)
-            sqs = boto3.client("sqs", endpoint_url=moto_url)
+            # moto answers slowly when busy: wait rather than fail the trigger.
+            sqs = boto3.client("sqs", endpoint_url=moto_url, config=BotoConfig(
+                read_timeout=300, retries={"max_attempts": 10, "mode": "standard"}))
             settings = StreamSettings(streams=args.streams, batch=args.batch,
                                       devices=args.devices, rate=args.rate,
                                       duration=args.duration, seed=args.seed)
@@ -474,7 +506,8 @@ def soak(args: argparse.Namespace, log: Any) -> Report:
                 log(f"soak: {args.streams} streams x {args.duration:g} s -> {pipeline.url} "
                     f"(PACKING={args.packing}); SQS faults via {proxy.url}, sink {receiver.url}")
                 started = time.monotonic()
-                runs = run_streams(pipeline.url, pipeline.api_key, settings)
+                with Heartbeat(log, pipeline, started):
+                    runs = run_streams(pipeline.url, pipeline.api_key, settings)
                 seconds = time.monotonic() - started
                 log(f"streams done: {sum(r.stats.acked for r in runs):,} acked; draining "
                     f"({pipeline.queued():,} queued)")
