@@ -198,6 +198,11 @@ def test_intermittent_sink_and_poison_records(pipeline, sqs):
         pipe.stop_consumers()
         audit.stop()
         dead = take_all(sqs, pipe.queue_url(pipe.dlq_name))
+    counts = receiver.counts
+    print(f"\nintermittent sink: acked {len(acked(runs))}, delivered {len(counts.delivered)}, "
+          f"posts {counts.posts}, answered 500 {counts.rejected}, duplicates "
+          f"{sum(n - 1 for n in counts.delivered.values())}, deleted after delivery "
+          f"{audit.deleted_messages}, deleted before {len(audit.violations)}, DLQ {len(dead)}")
     assert sorted(m["Body"] for m in dead) == sorted(POISON)
     assert not acked(runs) - set(receiver.counts.delivered), "an acked message never arrived"
     assert receiver.counts.rejected > 0, "the sink never failed: the test proved nothing"

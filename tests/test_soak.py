@@ -17,7 +17,8 @@ def test_a_short_soak_with_faults_loses_nothing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "tools.soak", "--duration", "3", "--streams", "2",
          "--batch", "10", "--server-error", "0.2", "--entry-failed", "0.2",
-         "--reset-after", "0.1", "--sink-fail", "0.3", "--drain-timeout", "20",
+         "--reset-after", "0.1", "--entry-sender-fault", "0.1", "--sink-fail", "0.3",
+         "--drain-timeout", "20",
          "--report", str(report_file)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
@@ -27,6 +28,7 @@ def test_a_short_soak_with_faults_loses_nothing(tmp_path):
     assert report["acked"] > 0 and report["delivered"] == report["acked"]
     assert report["sqs_faults"]["server_errors"] + report["sqs_faults"]["entries_failed"] > 0
     assert report["sink_faults"]["rejected_500"] > 0
+    assert report["answers"].get("503", 0) > 0 and report["resent_requests"] > 0
     assert "LOST" in result.stdout and "in DLQ" in result.stdout
 
 

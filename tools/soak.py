@@ -432,6 +432,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--reset-before", type=float, default=0.01, help="connection reset, not stored (0.01)")
     add("--reset-after", type=float, default=0.01, help="stored, then reset (0.01)")
     add("--entry-failed", type=float, default=0.02, help="batch entry Failed (0.02)")
+    add("--entry-sender-fault", type=float, default=0.005,
+        help="batch entry Failed for good: the app answers 503 and the stream resends (0.005)")
     add("--sink-fail", type=float, default=0.05, help="sink POST answered 500 (0.05)")
     add("--sink-hang", type=float, default=0.005,
         help="sink POST answered after the consumer's deadline (0.005)")
@@ -444,7 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.no_faults:
         for name in ("server_error", "throttle", "reset_before", "reset_after", "entry_failed",
-                     "sink_fail", "sink_hang"):
+                     "entry_sender_fault", "sink_fail", "sink_hang"):
             setattr(args, name, 0.0)
     return args
 
@@ -482,7 +484,8 @@ def soak(args: argparse.Namespace, log: Any) -> Report:
     moto_url = f"http://{HOST}:{moto_port}"
     plan = FaultPlan(server_error=args.server_error, throttle=args.throttle,
                      reset_before=args.reset_before, reset_after=args.reset_after,
-                     entry_failed=args.entry_failed, seed=args.seed)
+                     entry_failed=args.entry_failed, entry_sender_fault=args.entry_sender_fault,
+                     seed=args.seed)
     try:
         with FaultySqs(moto_url, plan) as proxy, SinkReceiver(
                 fail=args.sink_fail, hang=args.sink_hang, hang_seconds=SINK_TIMEOUT * 2,
