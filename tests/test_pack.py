@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import orjson
+
 from hypothesis import given, settings, strategies as st
 
 from chalicelib import pack
@@ -112,3 +114,17 @@ def test_billing_counts_started_64k_chunks():
     entry = pack.Entry(b"x" * 65_536, 1)
     assert pack.billed_requests([entry]) == 1
     assert pack.billed_requests([entry, pack.Entry(b"x", 1)]) == 2
+
+
+@given(st.integers(min_value=pack.MAX_BYTES - 12, max_value=pack.MAX_BYTES), st.booleans(),
+       st.integers(min_value=0, max_value=3))
+@settings(max_examples=30, deadline=None)
+def test_messages_at_the_size_limit_still_make_sendable_entries(size, fifo, neighbours):
+    frame = len(orjson.dumps({"ident": "a", "pad": ""}))
+    big = {"ident": "a", "pad": "x" * (size - frame)}
+    batch = [{"ident": "a", "n": n} for n in range(neighbours)] + [big]
+    entries = pack.make_entries(batch, True, fifo)
+    assert all(len(entry.body) <= pack.MAX_BYTES for entry in entries)
+    assert _unpack(entries) == batch
+    for call in pack.plan_batches(entries):
+        assert sum(len(entry.body) for entry in call) <= pack.MAX_BYTES
