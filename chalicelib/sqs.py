@@ -200,7 +200,11 @@ class Sender:
 
     def __init__(self, transport: SqsTransport, concurrency: int) -> None:
         self.transport = transport
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sqs")
+        # The calling thread sends a lane too, so the pool holds one fewer:
+        # ``concurrency`` calls in flight in all.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, concurrency - 1), thread_name_prefix="sqs"
+        )
 
     def send(
         self, lanes: Sequence[Lane], deadline: float, while_waiting: Callable[[], None] = _nothing
