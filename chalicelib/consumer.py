@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from chalicelib import observe, sinks
+from chalicelib import observe, sinks, timing
 from chalicelib.config import Settings
 
 #: Time kept back from the Lambda's remaining time so the function can still
@@ -122,10 +122,7 @@ def deadline_of(context: Any) -> float:
     Unbounded without a Lambda context (tests, a local runner that passes
     ``None``); the sink's own attempt limit still ends its retries there.
     """
-    remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
-    if remaining_ms is None:
-        return math.inf
-    return time.monotonic() + remaining_ms() / 1000 - DEADLINE_MARGIN
+    return time.monotonic() + timing.remaining_seconds(context) - DEADLINE_MARGIN
 
 
 def handle(

@@ -16,7 +16,7 @@ import pybase64
 from botocore.exceptions import BotoCoreError, ClientError
 from chalice import Response
 
-from . import observe, pack, parse, sqs
+from . import observe, pack, parse, sqs, timing
 from .config import Settings
 
 #: Request types API Gateway must hand over as bytes (Chalice already treats
@@ -103,11 +103,8 @@ def _body(request: Any) -> bytes:
 
 def _budget(context: Any, settings: Settings) -> float:
     """Seconds we may spend sending: the setting, cut short by Lambda's clock."""
-    budget = settings.send_deadline
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if remaining is not None:
-        budget = min(budget, remaining() / 1000 - _ANSWER_MARGIN)
-    return max(0.0, budget)
+    lambda_left = timing.remaining_seconds(context) - _ANSWER_MARGIN
+    return max(0.0, min(settings.send_deadline, lambda_left))
 
 
 def _answer(

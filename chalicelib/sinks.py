@@ -19,7 +19,6 @@ Sinks are built once per container (``for_settings`` caches them), so the
 from __future__ import annotations
 
 import functools
-import random
 import sys
 import time
 from typing import Mapping, Protocol, Sequence
@@ -27,6 +26,7 @@ from typing import Mapping, Protocol, Sequence
 import orjson
 import urllib3
 
+from chalicelib import timing
 from chalicelib.config import Settings
 
 #: Statuses worth another try: the receiver is overloaded or briefly broken.
@@ -105,11 +105,10 @@ class HttpSink:
         body = orjson.dumps(messages)
         problem, tries = "no time left to try", 0
         for attempt in range(self.max_attempts):
-            if attempt:
-                pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
-                if time.monotonic() + pause >= deadline:
-                    break
-                time.sleep(pause)
+            if attempt and not timing.wait_before_retry(
+                attempt, deadline, BACKOFF_BASE, BACKOFF_CAP
+            ):
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -17,7 +17,6 @@ reported unsent and the caller answers 503.
 """
 from __future__ import annotations
 
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import botocore.session
 import orjson
 from botocore.httpsession import get_cert_path
 
-from . import http1, sigv4
+from . import http1, sigv4, timing
 from .pack import Batch, Entry, Lane, billed_requests
 
 # Error codes worth another try: botocore's throttling and transient lists
@@ -270,13 +269,10 @@ class Sender:
             if outcome.failed:
                 return [batch[p] for p in outcome.failed + outcome.retry]
             pending = outcome.retry
-            if pending:
-                _sleep_before_retry(attempt, deadline)
-                attempt += 1
+            if pending and not timing.wait_before_retry(
+                attempt, deadline, _FIRST_BACKOFF, _MAX_BACKOFF
+            ):
+                break
+            attempt += 1
         return [batch[p] for p in pending]
 
-
-def _sleep_before_retry(attempt: int, deadline: float) -> None:
-    """Full-jitter exponential backoff that never sleeps past the deadline."""
-    ceiling = min(_MAX_BACKOFF, _FIRST_BACKOFF * (2**attempt))
-    time.sleep(max(0.0, min(random.uniform(0, ceiling), deadline - time.monotonic())))
