@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from chalicelib import config, consumer, sinks
 from tests.conftest import free_port
+from tools.sqs_trigger import lambda_record
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -387,20 +388,7 @@ def lambda_records(sqs, queue_url: str, queue_arn: str) -> list[dict]:
     answer = sqs.receive_message(
         QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
     )
-    return [
-        {
-            "messageId": m["MessageId"],
-            "receiptHandle": m["ReceiptHandle"],
-            "body": m["Body"],
-            "attributes": m["Attributes"],
-            "messageAttributes": {},
-            "md5OfBody": m["MD5OfBody"],
-            "eventSource": "aws:sqs",
-            "eventSourceARN": queue_arn,
-            "awsRegion": REGION,
-        }
-        for m in answer.get("Messages", [])
-    ]
+    return [lambda_record(m, queue_arn, REGION) for m in answer.get("Messages", [])]
 
 
 def test_only_failed_records_come_back_from_the_queue(sqs, judged, capsys) -> None:
